@@ -389,19 +389,27 @@ class LayerTap:
     ``coefficients`` runs inside the backward pass, once per layer and batch, with the
     layer input ``a`` and output gradient ``g``; it returns a ``(M,)`` tensor of per-sample
     weights for the parameter gradient, or ``None`` for the plain gradient. The input
-    gradient that flows to earlier layers is never changed.
+    gradient that flows to earlier layers is never changed. ``active()``, when given, is
+    asked at every forward pass; while it returns False the layer runs untouched.
     """
 
     def __init__(self, helper: LayerHelper,
                  coefficients: Callable[[LayerHelper, torch.Tensor, torch.Tensor],
-                                        Optional[torch.Tensor]]):
+                                        Optional[torch.Tensor]],
+                 active: Optional[Callable[[], bool]] = None):
         self.helper = helper
         self.coefficients = coefficients
-        self.enabled = True
+        self.active = active
         self._handle = helper.module.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        if not (self.enabled and torch.is_grad_enabled() and module.weight.requires_grad):
+        if not (torch.is_grad_enabled() and module.weight.requires_grad):
+            return None
+        # Under torch.func transforms (vmap, grad) the layer runs untouched: a reference
+        # computed with torch.func must see the plain model.
+        if torch._C._are_functorch_transforms_active():
+            return None
+        if self.active is not None and not self.active():
             return None
         a = inputs[0]
         if not self.helper.accepts(a):
@@ -413,12 +421,14 @@ class LayerTap:
 
 
 class Recorder:
-    """Forward and tensor hooks that record each layer's input and output gradient.
+    """Record each layer's input and output gradient without changing any gradient.
 
-    For optimizers that only need statistics (KFAC, Eva): the backward pass is left as it
-    is and ``.grad`` is not touched. ``on_backward(helper, a, g)`` runs in the backward pass
-    when the output gradient of a recorded layer arrives; ``a`` is kept only from the forward
-    hook to that call, and only while ``active()`` returns True at forward time.
+    For optimizers that only need statistics (KFAC, Eva). ``on_backward(helper, a, g)`` runs
+    in the backward pass when the output gradient of a recorded layer arrives, for forward
+    passes during which ``active()`` returned True; the layer's gradients are the plain ones.
+    It is built on ``LayerTap`` rather than a tensor hook on the layer output because
+    ``nn.Linear`` on N-D input returns a view, and an in-place op on that view (an in-place
+    ReLU) drops hooks registered on it.
     """
 
     def __init__(self, helpers: list[LayerHelper],
@@ -426,29 +436,15 @@ class Recorder:
                  active: Callable[[], bool] = lambda: True):
         self.helpers = helpers
         self.on_backward = on_backward
-        self.active = active
-        self._handles = [h.module.register_forward_hook(self._make_hook(h)) for h in helpers]
+        self._taps = [LayerTap(h, self._record, active) for h in helpers]
 
-    def _make_hook(self, helper: LayerHelper):
-        def hook(module, inputs, output):
-            if not (torch.is_grad_enabled() and output.requires_grad and self.active()):
-                return None
-            a = inputs[0].detach()
-            if not helper.accepts(a):
-                return None
-
-            # A tensor hook registered before an in-place op on the output (an in-place ReLU)
-            # receives the gradient of the value before that op, the layer's own output.
-            def on_grad(g):
-                self.on_backward(helper, a, g.detach())
-
-            output.register_hook(on_grad)
-            return None
-        return hook
+    def _record(self, helper: LayerHelper, a: torch.Tensor, g: torch.Tensor) -> None:
+        self.on_backward(helper, a.detach(), g.detach())
+        return None
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for tap in self._taps:
+            tap.remove()
 
 
 def solve_coefficients(gram: torch.Tensor, alpha: float):

@@ -64,6 +64,10 @@ class LayerHelper:
         """Tell whether an input of this shape has a leading sample dimension we can use."""
         raise NotImplementedError
 
+    def positions(self, g: torch.Tensor) -> int:
+        """Return S, the number of positions per sample, from an output gradient."""
+        raise NotImplementedError
+
     def input_matrix(self, a: torch.Tensor) -> torch.Tensor:
         """Return ``a`` as ``(M, G, S, D_in)``, with a ones column for the bias."""
         raise NotImplementedError
@@ -119,15 +123,23 @@ class LayerHelper:
         Khatri-Rao identity ``K = (Z Z^T) * (X X^T)``), ``"per_sample"`` (explicit per-sample
         gradients) or ``"auto"``, which picks the one with fewer multiply-adds. Both are exact.
         """
-        x = _at_least_float32(self.input_matrix(a))
-        z = _at_least_float32(self.output_grad_matrix(g))
+        if method not in ("auto", "pairs", "per_sample"):
+            raise ValueError(f"unknown Gram method {method!r}; expected 'auto', 'pairs' or 'per_sample'")
+        a, g = _at_least_float32(a), _at_least_float32(g)
         if method == "auto":
-            method = choose_gram_method(x.shape, z.shape)
+            method = choose_gram_method(self.matrix_shapes(a, g))
         if method == "pairs":
-            return _gram_pairs(x, z)
-        if method == "per_sample":
-            return _gram_per_sample(x, z)
-        raise ValueError(f"unknown Gram method {method!r}; expected 'auto', 'pairs' or 'per_sample'")
+            return _gram_pairs(self.input_matrix(a), self.output_grad_matrix(g))
+        flat = self.per_sample_grads(a, g).reshape(a.shape[0], -1)  # (M, P)
+        return flat @ flat.t()
+
+    def matrix_shapes(self, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int, int, int]:
+        """Return ``(M, G, S, D_in, D_out)`` of ``input_matrix(a)`` and ``output_grad_matrix(g)``."""
+        m, groups = a.shape[0], self.groups
+        positions = self.positions(g)
+        d_out = self.weight.shape[0] // groups
+        d_in = self.weight[0].numel() + (1 if self.has_bias else 0)
+        return m, groups, positions, d_in, d_out
 
 
 class LinearHelper(LayerHelper):
@@ -135,6 +147,9 @@ class LinearHelper(LayerHelper):
 
     def accepts(self, a: torch.Tensor) -> bool:
         return a.dim() >= 2
+
+    def positions(self, g: torch.Tensor) -> int:
+        return g[0].numel() // g.shape[-1]
 
     def input_matrix(self, a: torch.Tensor) -> torch.Tensor:
         m = a.shape[0]
@@ -187,6 +202,9 @@ class Conv2dHelper(LayerHelper):
     def accepts(self, a: torch.Tensor) -> bool:
         return a.dim() == 4
 
+    def positions(self, g: torch.Tensor) -> int:
+        return g.shape[2] * g.shape[3]
+
     def unfold(self, a: torch.Tensor) -> torch.Tensor:
         """Return the input patches as ``(M, C * kh * kw, S)``."""
         conv = self.module
@@ -205,6 +223,31 @@ class Conv2dHelper(LayerHelper):
         m, groups = g.shape[0], self.groups
         z = g.reshape(m, groups, g.shape[1] // groups, -1)  # (M, G, O/G, S)
         return z.transpose(2, 3)
+
+    def per_sample_grads(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Return the per-sample gradients as ``(M, G, O/G, D_in)`` without unfolding.
+
+        The batch becomes the groups of one convolution: the input as ``(1, M*C, H, W)``, the
+        output gradient as ``(1, M*O, H', W')`` and ``M * groups`` groups, so that the weight
+        gradient of that convolution, ``(M*O, C/G, kh, kw)``, holds every sample's gradient.
+        On CPU this is several times faster than im2col followed by a batched matmul.
+        """
+        conv = self.module
+        m, groups = a.shape[0], self.groups
+        out_channels = conv.out_channels
+        stacked_input = a.reshape(1, -1, *a.shape[2:])
+        stacked_grad = g.reshape(1, -1, *g.shape[2:])
+        # Only the weight's shape matters when only the weight gradient is requested.
+        weight_shape = (m * out_channels,) + tuple(conv.weight.shape[1:])
+        weight = stacked_grad.new_empty(weight_shape)
+        _, grads, _ = torch.ops.aten.convolution_backward(
+            stacked_grad, stacked_input, weight, None, list(conv.stride), list(self.padding),
+            list(conv.dilation), False, [0, 0], m * groups, [False, True, False])
+        grads = grads.reshape(m, groups, out_channels // groups, -1)  # (M, G, O/G, C/G*kh*kw)
+        if self.has_bias:
+            bias_grads = g.sum(dim=(2, 3)).reshape(m, groups, -1, 1)
+            grads = torch.cat([grads, bias_grads], dim=-1)
+        return grads
 
     def _convolution_backward(self, a, g, weight, output_mask):
         conv = self.module
@@ -258,10 +301,9 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
-def choose_gram_method(x_shape, z_shape) -> str:
-    """Return the cheaper exact Gram method for inputs ``(M, G, S, D_in)``, ``(M, G, S, D_out)``."""
-    m, groups, positions, d_in = x_shape
-    d_out = z_shape[-1]
+def choose_gram_method(shapes: tuple[int, int, int, int, int]) -> str:
+    """Return the cheaper exact Gram method for ``(M, G, S, D_in, D_out)``, as multiply-adds."""
+    m, groups, positions, d_in, d_out = shapes
     pair_flops = groups * (m * positions) ** 2 * (d_in + d_out + 1)
     per_sample_flops = groups * d_out * d_in * m * (positions + m)
     pair_memory = 2 * (m * positions) ** 2
@@ -288,14 +330,6 @@ def _gram_pairs(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         pairs = (zj @ zj.t()) * (xj @ xj.t())  # (M*S, M*S)
         gram += pairs.reshape(m, positions, m, positions).sum(dim=(1, 3))
     return gram
-
-
-def _gram_per_sample(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    m = x.shape[0]
-    # (M, G, D_out, D_in) per-sample gradients through one batched matmul.
-    grads = torch.matmul(z.transpose(2, 3), x)
-    flat = grads.reshape(m, -1)
-    return flat @ flat.t()
 
 
 HELPERS: dict[type, type[LayerHelper]] = {nn.Linear: LinearHelper, nn.Conv2d: Conv2dHelper}

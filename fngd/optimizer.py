@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Iterable, Optional
+from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
@@ -151,6 +152,8 @@ class FNGD(torch.optim.Optimizer):
         self._unseen_samples = torch.zeros((), dtype=torch.int64)
         self._step_solved = False
         self._step_reused = False
+        # Set by a profiler: profiler(name) returns a context manager that times a section.
+        self.profiler: Optional[Callable[[str], ContextManager]] = None
 
         if mode == "fngd" and steps_per_epoch is None:
             logger.info("FNGD without steps_per_epoch: call next_epoch() at the end of each "
@@ -209,8 +212,10 @@ class FNGD(torch.optim.Optimizer):
 
     def _solve(self, helper: LayerHelper, a: torch.Tensor, g: torch.Tensor):
         group = self.param_groups[self._group_index[helper.name]]
-        gram = helper.gram(a, g)
-        v, damping, ok = solve_coefficients(gram, group["alpha"])
+        with self._timed("per_sample"):
+            gram = helper.gram(a, g)
+        with self._timed("precondition"):
+            v, damping, ok = solve_coefficients(gram, group["alpha"])
         self._fallbacks = self._fallbacks.to(ok.device) + (~ok).long()
 
         storage_dtype = torch.promote_types(helper.weight.dtype, torch.float32)
@@ -373,6 +378,9 @@ class FNGD(torch.optim.Optimizer):
                 self._untapped_logged.add(name)
                 logger.info("plain gradient for %s in this step: it was not called as a module "
                             "with a batched input, so FNGD could not capture it", name)
+
+    def _timed(self, name: str) -> ContextManager:
+        return self.profiler(name) if self.profiler is not None else contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------------------
     # Counters, state and clean-up

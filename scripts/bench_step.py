@@ -65,7 +65,7 @@ def make_contenders(args, device) -> list[Contender]:
 
     base_cfg = compose_config(args.model, "sgdm", args.override)
     torch.manual_seed(args.seed)
-    base_model = instantiate(base_cfg.model).to(device)
+    base_model = instantiate(base_cfg.model, num_classes=base_cfg.dataset.num_classes).to(device)
 
     contenders = []
     for name in names:

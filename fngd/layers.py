@@ -3,7 +3,7 @@ per-layer math on recorded layer inputs ``a`` and output gradients ``g``.
 
 Every second-order optimizer in this suite preconditions ``nn.Linear`` and ``nn.Conv2d``
 and nothing else. ``find_layers`` walks a model once and returns one helper per such layer;
-the helper knows how its layer turns an input into the matrices the optimizers need:
+the helper turns its layer's input and output gradient into the matrices the optimizers need:
 
 - ``a`` reshaped to ``(M, G, S, D_in)``: M samples, G groups (1 for Linear), S positions
   (sequence positions for Linear on N-D input, output pixels for Conv2d) and D_in input
@@ -61,7 +61,7 @@ class LayerHelper:
         return 1
 
     def accepts(self, a: torch.Tensor) -> bool:
-        """Tell whether an input of this shape has a leading sample dimension we can use."""
+        """Return whether an input of this shape has a leading sample dimension."""
         raise NotImplementedError
 
     def positions(self, g: torch.Tensor) -> int:
@@ -229,7 +229,7 @@ class Conv2dHelper(LayerHelper):
 
         The batch becomes the groups of one convolution: the input as ``(1, M*C, H, W)``, the
         output gradient as ``(1, M*O, H', W')`` and ``M * groups`` groups, so that the weight
-        gradient of that convolution, ``(M*O, C/G, kh, kw)``, holds every sample's gradient.
+        gradient of that convolution, ``(M*O, C/G, kh, kw)``, is every sample's gradient stacked.
         On CPU this is several times faster than im2col followed by a batched matmul.
         """
         conv = self.module
@@ -338,7 +338,7 @@ HELPERS: dict[type, type[LayerHelper]] = {nn.Linear: LinearHelper, nn.Conv2d: Co
 def find_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[LayerHelper]:
     """Return one helper per ``nn.Linear`` and ``nn.Conv2d`` of ``model`` that can be preconditioned.
 
-    ``skip`` holds ``fnmatch`` patterns of module names to leave on the plain gradient.
+    ``skip`` contains ``fnmatch`` patterns of module names to leave on the plain gradient.
     Layers whose parameters are shared with another module (tied weights), layers inside
     ``nn.MultiheadAttention`` (which calls its projections as functions, not as modules),
     frozen layers and Conv2d layers that pad other than with zeros are left out too, and
@@ -389,10 +389,10 @@ def find_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[LayerHelper]
 class _TapFunction(torch.autograd.Function):
     """Identity on the layer output whose backward computes the layer's gradients itself.
 
-    The forward hook detaches the layer output and passes it through this function, so the
-    layer's own autograd node is dropped and this backward takes its place: it computes the
-    input gradient as the layer would and asks ``tap.coefficients`` for per-sample weights of
-    the parameter gradient.
+    The forward hook hands the detached layer output to this function and returns what it
+    returns, so the layer's own autograd node is dropped and this backward takes its place. It
+    computes the input gradient as the layer would, then calls ``tap.coefficients`` for the
+    per-sample weights of the parameter gradient.
     """
 
     @staticmethod

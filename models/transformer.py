@@ -281,11 +281,17 @@ class Transformer(nn.Module):
         """
         smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
         logits = self(source, target[:, :-1])  # (B, T-1, V)
-        gold = target[:, 1:]  # (B, T-1)
-        summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gold.reshape(-1),
-                                 ignore_index=self.pad_id, reduction="sum",
-                                 label_smoothing=smoothing)
-        return summed, (gold != self.pad_id).sum()
+        return token_cross_entropy(logits, target[:, 1:], self.pad_id, smoothing)
+
+
+def token_cross_entropy(logits: torch.Tensor, gold: torch.Tensor, pad_id: int = PAD_ID,
+                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the cross-entropy of ``logits`` (B, T, V) against ``gold`` (B, T) summed over
+    the non-padding positions, computed in float32 or better, and the number of them."""
+    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gold.reshape(-1),
+                             ignore_index=pad_id, reduction="sum",
+                             label_smoothing=label_smoothing)
+    return summed, (gold != pad_id).sum()
 
 
 def _max_output_len(model: Transformer, source: torch.Tensor, extra_len: int) -> int:

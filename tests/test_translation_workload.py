@@ -174,6 +174,14 @@ def test_fngd_trains_transformer(tmp_path, toy_root, compose_config):
     assert "test_bleu" in records[-1]
 
 
+@pytest.mark.parametrize("optimizer", ["kfac", "shampoo"])
+def test_second_order_baselines_train_transformer(tmp_path, toy_root, compose_config, optimizer):
+    records = train(compose_config(toy_overrides(toy_root, epochs=2, optimizer=optimizer)),
+                    tmp_path / "run")
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert "test_bleu" in records[1]
+
+
 @pytest.mark.parametrize("override, message", [
     ("dataset.beam_size=0", "dataset.beam_size"),
     ("dataset.bleu_every=0", "dataset.bleu_every"),

@@ -201,6 +201,10 @@ class Translation(Workload):
             nll_total += nll_sum.item()
             count += int(batch_count)
 
+        if count == 0:
+            raise ValueError("the validation split has no target tokens to score; check "
+                             "dataset.val_subset and the val files under dataset.root")
+
         # exp overflows above about 709; a perplexity that large means "untrained" anyway.
         metrics: dict[str, float | str] = {"val_loss": loss_total / count,
                                            "val_ppl": math.exp(min(nll_total / count, 700.0))}

@@ -162,3 +162,9 @@ def test_demo_preset(compose_config):
     assert cfg.dataset.test_subset == 2000
     assert cfg.trainer.epochs == 3
     assert cfg.logger.mode in ("offline", "disabled")
+
+
+def test_step_schedule_short_run_keeps_both_decays(compose_config):
+    # With 3 epochs the two milestones fall after epochs 2 (of 1.5) and 3 (of 2.25).
+    assert _learning_rates(compose_config, "step", 4) == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    assert _learning_rates(compose_config, "step", 3) == pytest.approx([0.1, 0.1, 0.01])

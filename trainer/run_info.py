@@ -52,6 +52,18 @@ def _nvidia_driver() -> Optional[str]:
     return result.stdout.strip().splitlines()[0] if result.stdout.strip() else None
 
 
+def _cpu_name() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the model.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_info(device: torch.device) -> dict:
     """Return the device's name and, on CUDA, the driver, CUDA and cuDNN versions."""
     if device.type == "cuda":
@@ -62,8 +74,7 @@ def device_info(device: torch.device) -> dict:
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
         }
-    return {"type": device.type, "name": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    return {"type": device.type, "name": _cpu_name(), "threads": torch.get_num_threads()}
 
 
 def library_versions() -> dict:

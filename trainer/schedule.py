@@ -19,8 +19,9 @@ def step_decay(optimizer: torch.optim.Optimizer, epochs: int,
                milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1) -> MultiStepLR:
     """Multiply the learning rate by ``gamma`` after each fraction ``milestones`` of the epochs.
 
-    A milestone fraction f becomes epoch ``floor(f * epochs + 0.5)``: with 200 epochs and
-    the default fractions the rate drops after epochs 100 and 150.
+    A milestone fraction f becomes epoch ``ceil(f * epochs)``, the first epoch by which at
+    least that fraction is done. With 200 epochs and the default fractions the rate drops
+    after epochs 100 and 150, and with 3 epochs after epochs 2 and 3.
     """
     for fraction in milestones:
         if not 0 < fraction < 1:
@@ -29,7 +30,7 @@ def step_decay(optimizer: torch.optim.Optimizer, epochs: int,
     if not gamma > 0:
         raise ValueError(f"schedule.gamma={gamma} is invalid; use a positive factor")
 
-    epochs_at = [math.floor(fraction * epochs + 0.5) for fraction in milestones]
+    epochs_at = [math.ceil(fraction * epochs) for fraction in milestones]
     return MultiStepLR(optimizer, milestones=epochs_at, gamma=gamma)
 
 

@@ -290,10 +290,12 @@ def train(cfg: DictConfig, run_dir: Optional[str | os.PathLike] = None) -> list[
             progress = tqdm(total=len(batches), desc=f"epoch {epoch}/{epochs}", leave=False,
                             dynamic_ncols=True, disable=not trainer_cfg.progress)
 
-            train_metrics, train_time = train_epoch(
-                workload, model, optimizer, batches, _autocast(autocast_mode, device), device,
-                progress, trainer_cfg.log_every)
-            progress.close()
+            try:
+                train_metrics, train_time = train_epoch(
+                    workload, model, optimizer, batches, _autocast(autocast_mode, device),
+                    device, progress, trainer_cfg.log_every)
+            finally:
+                progress.close()
             cumulative_train_time += train_time
             eval_metrics, eval_time = evaluate(workload, model, _autocast(autocast_mode, device),
                                                device)

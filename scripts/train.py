@@ -16,12 +16,18 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from scripts import gpu_slots
 from trainer.train import train
+
+# ${fngd_gpu_count:} and ${fngd_worker_gpu:} of hydra/launcher=joblib_gpus.
+gpu_slots.register_resolvers()
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Run one training job; return the last test accuracy for sweepers that optimise it."""
+    # Joblib workers receive this function without running this module's top level.
+    gpu_slots.register_resolvers()
     try:
         records = train(cfg)
     except KeyboardInterrupt:

@@ -33,6 +33,7 @@ from trainer.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, capture_rng
                                 load_checkpoint, restore_rng_state, save_checkpoint)
 from trainer.loggers import MetricsFile, build_logger
 from trainer.optim import build_optimizer
+from trainer.profile import StepProfiler
 from trainer.run_info import collect_run_info
 from trainer.schedule import build_scheduler
 from trainer.workload import Batches, EpochTotals, Workload, build_workload
@@ -164,17 +165,19 @@ def _optimizer_counters(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 def train_epoch(workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer,
                 batches: Batches, autocast: contextlib.AbstractContextManager,
-                device: torch.device, progress: Optional[tqdm], log_every: int
-                ) -> tuple[dict[str, float], float]:
+                device: torch.device, progress: Optional[tqdm], log_every: int,
+                profiler: Optional[StepProfiler] = None) -> tuple[dict[str, float], float]:
     """Train for one pass over ``batches``; return the train metrics and the seconds taken.
 
     The time runs from before the first batch is assembled to after the last update has
     finished on the device, so it covers data loading, forward, backward, preconditioning and
-    the update, and nothing else.
+    the update, and nothing else. A ``profiler`` times each step's forward, backward and
+    ``optimizer.step()`` phases.
     """
     model.train()
     totals = EpochTotals(device)
     set_sample_indices = getattr(optimizer, "set_sample_indices", None)
+    phase = profiler.phase if profiler is not None else _untimed_phase
     steps = 0
 
     _synchronise(device)
@@ -184,10 +187,12 @@ def train_epoch(workload: Workload, model: nn.Module, optimizer: torch.optim.Opt
         if set_sample_indices is not None:
             set_sample_indices(batch.indices)
         optimizer.zero_grad(set_to_none=True)
-        with autocast:
+        with phase("forward"), autocast:
             output = workload.loss(model, batch)
-        (output.loss_sum / output.count).backward()
-        optimizer.step()
+        with phase("backward"):
+            (output.loss_sum / output.count).backward()
+        with phase("step"):
+            optimizer.step()
         totals.add(output)
         steps += 1
 
@@ -206,6 +211,10 @@ def train_epoch(workload: Workload, model: nn.Module, optimizer: torch.optim.Opt
                            f"len() = {len(batches)}; optimizers that count steps per epoch "
                            "need the two to agree")
     return totals.means("train"), elapsed
+
+
+def _untimed_phase(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def evaluate(workload: Workload, model: nn.Module, autocast: contextlib.AbstractContextManager,
@@ -239,14 +248,16 @@ def train(cfg: DictConfig, run_dir: Optional[str | os.PathLike] = None) -> list[
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bool(trainer_cfg.cudnn_benchmark)
-    if trainer_cfg.get("profile"):
-        logger.warning("trainer.profile=true is not implemented yet; phases are not timed")
 
     workload = build_workload(cfg, device)
     model = workload.build_model().to(device)
     batches = workload.train_batches()
     optimizer = build_optimizer(cfg.optimizer, model, steps_per_epoch=len(batches))
     scheduler = build_scheduler(cfg.schedule, optimizer, epochs)
+    profiler = StepProfiler(device) if trainer_cfg.get("profile") else None
+    if profiler is not None and not profiler.attach(optimizer):
+        logger.info("trainer.profile: %s has no profiler hook, so its work is timed as a "
+                    "whole in the update phase", type(optimizer).__name__)
 
     records: list[dict] = []
     start_epoch = 0
@@ -293,7 +304,7 @@ def train(cfg: DictConfig, run_dir: Optional[str | os.PathLike] = None) -> list[
             try:
                 train_metrics, train_time = train_epoch(
                     workload, model, optimizer, batches, _autocast(autocast_mode, device),
-                    device, progress, trainer_cfg.log_every)
+                    device, progress, trainer_cfg.log_every, profiler)
             finally:
                 progress.close()
             cumulative_train_time += train_time
@@ -307,6 +318,8 @@ def train(cfg: DictConfig, run_dir: Optional[str | os.PathLike] = None) -> list[
                       "cumulative_train_time_s": cumulative_train_time, "lr": lr}
             for key, value in counters_after.items():
                 record[key] = value - counters_before.get(key, 0)
+            if profiler is not None:
+                record.update(profiler.epoch_summary(train_time))
             records.append(record)
 
             if not math.isfinite(record["train_loss"]):

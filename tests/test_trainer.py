@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from hydra.errors import InstantiationException
 import trainer.train as train_module
 from data.cifar import channel_stats, load_cifar
 from models.resnet import build_resnet
-from tests.conftest import REPOSITORY_ROOT, tiny_run_overrides
+from tests.conftest import REPOSITORY_ROOT, tiny_run_overrides, write_synthetic_cifar
 from trainer.checkpoint import load_checkpoint
 from trainer.loggers import read_metrics
 from trainer.train import resolve_device, train
@@ -93,8 +92,7 @@ def test_records_metrics_and_run_json(tmp_path, synthetic_cifar_root, compose_co
     assert len(info["git"]["commit"]) == 40
     assert info["device"]["type"] == "cpu"
     assert info["device"]["name"]
-    assert info["versions"]["torch"] == torch.__version__.split("+")[0] or \
-        info["versions"]["torch"] == torch.__version__
+    assert torch.__version__.startswith(info["versions"]["torch"])
     assert info["data"]["train_images"] == 64
     assert info["final"] == records[-1]
 
@@ -161,11 +159,9 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, synthetic_cifar_ro
     assert uninterrupted[-1]["train_loss"] < uninterrupted[0]["train_loss"]
 
 
-def test_optimizer_protocol(tmp_path, synthetic_cifar_root, compose_config):
+def test_optimizer_protocol(tmp_path, compose_config):
     # 60 images in batches of 16: three full batches and a partial one of 12.
-    root = tmp_path / "data60"
-    from tests.conftest import write_synthetic_cifar
-    write_synthetic_cifar(root, train_size=60, test_size=20)
+    root = write_synthetic_cifar(tmp_path / "data60", train_size=60, test_size=20)
     RecordingSGD.instances.clear()
     cfg = compose_config(tiny_run_overrides(root, epochs=2) + [
         "~optimizer", f"+optimizer._target_={__name__}.RecordingSGD",
@@ -291,3 +287,39 @@ def test_sweep_runs_each_job_with_offline_wandb(tmp_path, synthetic_cifar_root):
         assert info["config"]["optimizer"]["_target_"] == target
         assert info["status"] == "completed"
         assert len(list((job_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+class FakeWandbRun:
+    """Stand-in for a W&B run, because no W&B server is reachable from the tests."""
+
+    def __init__(self, **kwargs):
+        self.init_kwargs = kwargs
+        self.logged: list[tuple[dict, int]] = []
+        self.exit_codes: list[int] = []
+        self.dir = str(Path(kwargs["dir"]) / "wandb" / "run" / "files")
+
+    def log(self, record, step):
+        self.logged.append((dict(record), step))
+
+    def finish(self, exit_code=0):
+        self.exit_codes.append(exit_code)
+
+
+def test_online_wandb_gets_records_and_finish(tmp_path, synthetic_cifar_root, compose_config,
+                                              monkeypatch):
+    import wandb
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(FakeWandbRun(**kwargs))
+                        or runs[-1])
+    cfg = compose_config(tiny_run_overrides(synthetic_cifar_root, epochs=2)
+                         + ["logger.mode=online", "logger.project=demo-project", "seed=3"])
+    records = train(cfg, tmp_path / "run")
+
+    run = runs[0]
+    assert run.init_kwargs["mode"] == "online"
+    assert run.init_kwargs["project"] == "demo-project"
+    assert run.init_kwargs["name"] == "cifar10-resnet8-sgd-seed3"
+    assert run.init_kwargs["config"]["seed"] == 3
+    assert run.logged == [(record, record["epoch"]) for record in records]
+    assert run.exit_codes == [0]

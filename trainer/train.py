@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, capture_rng_state,
                                 load_checkpoint, restore_rng_state, save_checkpoint)
-from trainer.loggers import MetricsFile, build_logger
+from trainer.loggers import MetricsFile, NullLogger, WandbLogger, build_logger
 from trainer.optim import build_optimizer
 from trainer.profile import StepProfiler
 from trainer.run_info import collect_run_info
@@ -289,12 +289,14 @@ def train(cfg: DictConfig, run_dir: Optional[str | os.PathLike] = None) -> list[
     logger.info("Training %s on %s (%s) for %d epochs; run directory %s",
                 _run_name(cfg), device, run_info["device"]["name"], epochs, run_dir)
 
-    metric_logger = build_logger(cfg.logger, run_dir, config, _run_name(cfg))
     autocast_mode = trainer_cfg.autocast
     status = "failed"
     exit_code = 1
     epoch = start_epoch
+    metric_logger: NullLogger | WandbLogger = NullLogger()
     try:
+        # Inside the try, so that a logger that fails to start still leaves run.json final.
+        metric_logger = build_logger(cfg.logger, run_dir, config, _run_name(cfg))
         for epoch in range(start_epoch + 1, epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             counters_before = _optimizer_counters(optimizer)

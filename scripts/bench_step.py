@@ -4,7 +4,8 @@
         --optimizers sgdm,fngd,ngd --steps 20 --device cpu --out results/bench.json
 
 Each optimizer trains its own copy of the model (same initial weights) on synthetic batches
-of the model's input shape. After a warm-up, one timed round runs one step of every optimizer,
+of the model's input shape: CIFAR images for the ResNets, Multi30K-length token sequences
+(batch of sentences) for ``--model transformer``. After a warm-up, one timed round runs one step of every optimizer,
 in an order that rotates from round to round, so that drift in the machine's speed (other
 processes, thermal limits) falls on all of them alike. A step is forward, backward,
 preconditioning and update, timed between device synchronisations. FNGD is timed twice: in its
@@ -29,6 +30,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.nn import functional as F
 
+from data.text import synthetic_token_batch
+from models.transformer import Transformer
 from trainer.optim import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -37,7 +40,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Datasets whose shapes the synthetic batches take, by model.
 DATASET_OF_MODEL = {"resnet32": "cifar10", "resnet110": "cifar10",
-                    "resnet18": "cifar100", "resnet34": "cifar100"}
+                    "resnet18": "cifar100", "resnet34": "cifar100", "transformer": "multi30k"}
+
+# Vocabulary sizes of Multi30K (German source, English target, lower-cased, min_freq 2).
+SOURCE_VOCAB_SIZE = 7851
+TARGET_VOCAB_SIZE = 5892
 
 
 class Contender:
@@ -65,7 +72,12 @@ def make_contenders(args, device) -> list[Contender]:
 
     base_cfg = compose_config(args.model, "sgdm", args.override)
     torch.manual_seed(args.seed)
-    base_model = instantiate(base_cfg.model, num_classes=base_cfg.dataset.num_classes).to(device)
+    if is_translation(args.model):
+        base_model = instantiate(base_cfg.model, source_vocab_size=SOURCE_VOCAB_SIZE,
+                                 target_vocab_size=TARGET_VOCAB_SIZE)
+    else:
+        base_model = instantiate(base_cfg.model, num_classes=base_cfg.dataset.num_classes)
+    base_model = base_model.to(device)
 
     contenders = []
     for name in names:
@@ -83,7 +95,15 @@ def make_contenders(args, device) -> list[Contender]:
     return contenders
 
 
+def is_translation(model_name: str) -> bool:
+    return DATASET_OF_MODEL.get(model_name) == "multi30k"
+
+
 def synthetic_batches(model_name: str, batch_size: int, count: int, device, seed: int):
+    """Return ``count`` batches: CIFAR-shaped images and labels, or Multi30K-shaped token ids."""
+    if is_translation(model_name):
+        return [synthetic_token_batch(batch_size, SOURCE_VOCAB_SIZE, TARGET_VOCAB_SIZE,
+                                      seed=seed + i, device=device) for i in range(count)]
     generator = torch.Generator().manual_seed(seed)
     classes = 100 if DATASET_OF_MODEL.get(model_name) == "cifar100" else 10
     batches = []
@@ -100,10 +120,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def train_step(contender: Contender, batch, autocast: bool, device) -> None:
-    images, labels = batch
+    inputs, targets = batch
     contender.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = F.cross_entropy(contender.model(images), labels)
+        if isinstance(contender.model, Transformer):
+            summed, tokens = contender.model.loss(inputs, targets)
+            loss = summed / tokens
+        else:
+            loss = F.cross_entropy(contender.model(inputs), targets)
     loss.backward()
     contender.optimizer.step()
 

@@ -25,7 +25,7 @@ gpu_slots.register_resolvers()
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Run one training job; return the last test accuracy for sweepers that optimise it."""
+    """Run one training job; return the last test accuracy (BLEU for translation) for sweepers."""
     # Joblib workers receive this function without running this module's top level.
     gpu_slots.register_resolvers()
     try:
@@ -36,7 +36,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(130)
     if not records:
         return None
-    return records[-1].get("test_accuracy")
+    last = records[-1]
+    return last.get("test_accuracy", last.get("test_bleu"))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ class PreconditionedSGD(torch.optim.Optimizer):
             if bias_grad is None:
                 bias_grad = torch.zeros_like(helper.bias)
         dtype = self._statistics_dtype(helper)
-        return helper.grad_matrix(weight_grad.to(dtype), None if bias_grad is None else bias_grad.to(dtype))
+        if bias_grad is not None:
+            bias_grad = bias_grad.to(dtype)
+        return helper.grad_matrix(weight_grad.to(dtype), bias_grad)
 
     def _apply_kl_clip(self, matrices: dict[str, torch.Tensor], gradients: dict[str, torch.Tensor],
                  kl_clip: Optional[float]) -> None:
@@ -100,7 +102,7 @@ class PreconditionedSGD(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _discard_pending_statistics(self) -> None:
-        """Forget statistics recorded for a step that is skipped; subclasses with a recorder override it."""
+        """Forget statistics recorded for a skipped step; subclasses that record override it."""
 
     # ----------------------------------------------------------------------------------------
     # The step
@@ -116,8 +118,8 @@ class PreconditionedSGD(torch.optim.Optimizer):
         if self.check_finite and not self._gradients_finite():
             self._counters["skipped_steps"] += 1
             self._discard_pending_statistics()
-            logger.warning("%s skipped step %d: a gradient holds inf or NaN (%d steps skipped so "
-                           "far)", type(self).__name__, self._step_count,
+            logger.warning("%s skipped step %d: a gradient contains inf or NaN (%d steps "
+                           "skipped so far)", type(self).__name__, self._step_count,
                            self._counters["skipped_steps"])
             self._step_count += 1
             return loss

@@ -39,7 +39,8 @@ def check_interval(name: str, value) -> None:
 
 def check_choice(name: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"invalid {name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+        expected = ", ".join(map(repr, choices))
+        raise ValueError(f"invalid {name}={value!r}: expected one of {expected}")
 
 
 def check_sgd_arguments(lr, momentum, weight_decay, nesterov) -> None:
@@ -89,10 +90,11 @@ def sgd_momentum_update(params: list[torch.Tensor], directions: list[torch.Tenso
     torch._foreach_add_(params, directions, alpha=-lr)
 
 
-def kl_clip_scale(inner_products: list[torch.Tensor], kl_clip: Optional[float]) -> Optional[torch.Tensor]:
+def kl_clip_scale(inner_products: list[torch.Tensor],
+                  kl_clip: Optional[float]) -> Optional[torch.Tensor]:
     """Return ``nu = min(1, sqrt(kl_clip / sum_l lr_l^2 <P_l, G_l>))``, or None without clipping.
 
-    ``inner_products`` holds one ``lr^2 * <P, G>`` scalar per preconditioned layer (P the
+    ``inner_products`` contains one ``lr^2 * <P, G>`` scalar per preconditioned layer (P the
     preconditioned gradient, G the gradient). A sum that is zero or negative (a preconditioner
     that is not positive definite) leaves the step unscaled. The result stays on the device.
     """
@@ -136,7 +138,8 @@ def batched_eigh(matrices: list[torch.Tensor]) -> list[Optional[tuple[torch.Tens
                 values, vectors = decomposed
                 finite = (torch.isfinite(values).all(dim=-1)
                           & torch.isfinite(vectors).flatten(1).all(dim=-1))
-                per_stack = torch.stack([chunk.all() for chunk in torch.split(finite, counts)]).tolist()
+                chunks = torch.split(finite, counts)
+                per_stack = torch.stack([chunk.all() for chunk in chunks]).tolist()
                 values = torch.split(values, counts)
                 vectors = torch.split(vectors, counts)
             else:

@@ -28,9 +28,9 @@ class Eva(PreconditionedSGD):
     preconditioned gradient of the layer's gradient matrix ``W`` (weight and bias) is
 
     .. math::
-        P = \big(\operatorname{mat}^{-1}\big)\Big[\big((a a^T) \otimes (g g^T)
-              + \gamma I\big)^{-1} \operatorname{vec}(W)\Big]
-          = \frac{1}{\gamma}\Big(W - \frac{g^T W a}{\gamma + \|a\|^2 \|g\|^2}\, g a^T\Big).
+        \operatorname{vec}(P) = \big((a a^T) \otimes (g g^T) + \gamma I\big)^{-1}
+            \operatorname{vec}(W), \qquad
+        P = \frac{1}{\gamma}\Big(W - \frac{g^T W a}{\gamma + \|a\|^2 \|g\|^2}\, g a^T\Big).
 
     Statistics and preconditioning run at every step; no matrix is ever inverted. Conv2d
     layers with ``groups > 1`` get one pair of vectors per group. KL clipping scales all
@@ -49,6 +49,9 @@ class Eva(PreconditionedSGD):
     NOTE: the authors' ``kfac/eva.py`` multiplies the old vector by ``1 - factor_decay`` and
     the new one by ``factor_decay``, so with their default 0.95 the new batch gets weight
     0.95. To reproduce that code exactly, pass ``factor_decay=0.05`` here.
+
+    NOTE: with ``torch.amp.GradScaler`` the recorded ``g`` carries the loss scale; bf16
+    autocast needs no scaler and is unaffected.
 
     Args:
         model: the module whose layers are preconditioned; its hooks stay until ``remove()``.
@@ -97,9 +100,9 @@ class Eva(PreconditionedSGD):
         with without_autocast(a.device):
             # Patch extraction is linear, so the mean patch is a patch of the mean input; this
             # extracts patches of one image instead of M.
-            mean_input = a.to(dtype).mean(dim=0, keepdim=True)
+            mean_input = a.mean(dim=0, keepdim=True, dtype=dtype)
             vector_a = helper.input_matrix(mean_input).mean(dim=(0, 2))  # (G, D_in)
-            vector_g = helper.output_grad_matrix(g.to(dtype)).mean(dim=(0, 2))  # (G, D_out)
+            vector_g = helper.output_grad_matrix(g).mean(dim=(0, 2), dtype=dtype)  # (G, D_out)
 
         pending = self._pending.get(helper.name)
         if pending is None:

@@ -57,10 +57,14 @@ class KFAC(PreconditionedSGD):
 
     with the plain gradient in place of P for parameters outside the preconditioned layers.
 
-    Where this differs from other implementations: damping is added to each factor as
-    written above (kfac-pytorch adds ``lambda`` to the products of eigenvalues instead); the
-    damped inverses are built when the eigendecompositions are, with the damping and
-    ``pi`` of that step; the factors use all samples of the batch (no subsampling).
+    Choices that implementations differ on: damping is added to each factor as written
+    above, not to the products of the factors' eigenvalues. The damped inverses are built
+    with the eigendecompositions, from the damping and ``pi`` of that step. The factors use
+    every sample of the batch, without subsampling.
+
+    NOTE: output gradients are recorded as the backward pass delivers them, so with
+    ``torch.amp.GradScaler`` the G factor carries the square of the loss scale. bf16
+    autocast needs no scaler and is unaffected.
 
     Args:
         model: the module whose layers are preconditioned; its hooks stay until ``remove()``.
@@ -176,11 +180,11 @@ class KFAC(PreconditionedSGD):
             if result_a is None or result_g is None:
                 failed = (result_a is None) + (result_g is None)
                 self._counters["decomposition_failures"] += failed
-                kept = "keeps its previous eigenbases" if "A_eigenvectors" in state else \
+                outcome = "keeps its previous eigenbases" if "A_eigenvectors" in state else \
                     "stays on the plain gradient"
                 logger.warning("KFAC: eigendecomposition of the factors of %s failed at step %d "
                                "(factors not finite or the solver did not converge); the layer "
-                               "%s (%d failures so far)", helper.name, self._step_count, kept,
+                               "%s (%d failures so far)", helper.name, self._step_count, outcome,
                                self._counters["decomposition_failures"])
             else:
                 state["A_eigenvalues"], state["A_eigenvectors"] = result_a

@@ -22,12 +22,12 @@ GRAFTING = ("sgd", "none")
 
 
 class _BlockLayout:
-    """How one layer's ``(G, D_out, D_in)`` gradient matrix splits into blocks.
+    """Block partition of one layer's ``(G, D_out, D_in)`` gradient matrix.
 
     A dimension above ``block_size`` is cut into ``n = ceil(D / block_size)`` blocks of
-    ``ceil(D / n)`` rows or columns; the last block is padded with zeros. The padding changes
-    nothing: a zero row of the gradient gives a zero row and column in the statistic, which
-    its inverse root keeps apart from the rest, and the padded entries are cut off again.
+    ``ceil(D / n)`` rows or columns, and the last block is padded with zeros. The padding
+    changes nothing. A zero row of the gradient gives a zero row and column in the statistic,
+    so its inverse root is block-diagonal too, and the padded entries are cut off again.
     """
 
     def __init__(self, groups: int, rows: int, columns: int, block_size: int):
@@ -92,11 +92,13 @@ class Shampoo(PreconditionedSGD):
 
     with the plain gradient in place of P for parameters outside the preconditioned layers.
 
-    Where this differs from the Google reference code: it preconditions each layer's
-    gradient as one matrix (that code merges and preconditions each tensor's own dimensions,
-    so a Conv2d kernel gets up to four statistics and -1/8 roots), uses eigendecompositions
-    instead of coupled Newton iterations for the roots, and splits large dimensions into
-    blocks of equal size rather than blocks of exactly ``block_size`` plus a remainder.
+    Where this differs from the Google reference code: that code preconditions every
+    dimension of each parameter tensor with the exponent ``-1 / (2 * rank)``, so a Conv2d
+    kernel gets three or four statistics and -1/6 or -1/8 roots. Here each layer's gradient
+    is one matrix with two statistics and -1/4 roots, as the method is usually stated. The
+    roots come from eigendecompositions instead of coupled Newton iterations. Large
+    dimensions are cut into blocks of equal size rather than blocks of exactly
+    ``block_size`` plus a remainder.
 
     Args:
         model: the module whose layers are preconditioned.
@@ -194,12 +196,12 @@ class Shampoo(PreconditionedSGD):
             if result_left is None or result_right is None:
                 self._counters["decomposition_failures"] += (
                     (result_left is None) + (result_right is None))
-                kept = "keeps its previous roots" if "L_root" in state else \
+                outcome = "keeps its previous roots" if "L_root" in state else \
                     "stays on the plain gradient"
                 logger.warning("Shampoo: eigendecomposition of the statistics of %s failed at "
                                "step %d (statistics not finite or the solver did not converge); "
                                "the layer %s (%d failures so far)", helper.name,
-                               self._step_count, kept, self._counters["decomposition_failures"])
+                               self._step_count, outcome, self._counters["decomposition_failures"])
                 continue
             state["L_root"] = self._inverse_fourth_root(*result_left)
             state["R_root"] = self._inverse_fourth_root(*result_right)
@@ -210,8 +212,8 @@ class Shampoo(PreconditionedSGD):
         largest = values[..., -1:]  # eigh sorts ascending; (B, 1)
         roots = (values + self.epsilon * largest).pow(-0.25)
         root = (vectors * roots.unsqueeze(-2)) @ vectors.transpose(-1, -2)
-        # A statistic that is all zeros (a block whose gradient was always zero) has no
-        # scale to set the ridge from; the identity leaves such a block unchanged.
+        # A statistic that is all zeros belongs to a block whose gradient was always zero.
+        # It has no scale to set the ridge from, so the identity leaves the block unchanged.
         empty = (largest <= 0).unsqueeze(-1)
         identity = torch.eye(root.shape[-1], dtype=root.dtype, device=root.device)
         return torch.where(empty, identity, root)

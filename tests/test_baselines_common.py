@@ -30,8 +30,9 @@ class Record:
     """Module hooks, written here rather than taken from fngd.layers, that keep each named
     layer's input and output gradient from the last forward and backward pass.
 
-    The output gradient comes from a full backward hook, which sees the layer output after
-    every forward hook, including those of the optimizers that replace it.
+    The output gradient comes from a full backward hook. It receives the gradient of the
+    layer output as it is after every forward hook, including those of the optimizers that
+    replace the output.
     """
 
     def __init__(self, model: nn.Module, names):
@@ -91,7 +92,7 @@ def snapshot(model: nn.Module) -> dict:
 
 
 def step_matrix(module: nn.Module, name: str, before: dict) -> torch.Tensor:
-    """Return the change of a layer's parameters in the last step as a ``(G, D_out, D_in)`` matrix."""
+    """Return the change of a layer's parameters in the last step as a (G, D_out, D_in) matrix."""
     weight_change = module.weight.detach() - before[name + ".weight"]
     bias_change = None
     if module.bias is not None:
@@ -108,7 +109,10 @@ def train_step(model, optimizer, inputs, targets):
 
 
 def run_step(model, optimizer, seed):
-    """Take one step on ``small_batch(seed)``; return the layer gradients and the parameters before it."""
+    """Take one step on ``small_batch(seed)``.
+
+    Return the layer gradients as matrices and the parameters before the step.
+    """
     inputs, targets = small_batch(seed)
     optimizer.zero_grad()
     F.cross_entropy(model(inputs), targets).backward()
@@ -301,7 +305,7 @@ def test_failed_decomposition_keeps_previous(optimizer_class, caplog):
     optimizer = optimizer_class(model, lr=0.05, **EVERY_STEP[optimizer_class])
     inputs, targets = small_batch(0)
     train_step(model, optimizer, inputs, targets)
-    kept = optimizer.layer_state["conv"][inverse_key].clone()
+    previous_inverse = optimizer.layer_state["conv"][inverse_key].clone()
 
     # Poison the statistic after it is updated and before it is decomposed.
     state = optimizer.layer_state["conv"]
@@ -317,7 +321,7 @@ def test_failed_decomposition_keeps_previous(optimizer_class, caplog):
     train_step(model, optimizer, inputs, targets)
 
     assert optimizer.stats()["decomposition_failures"] == 1
-    assert torch.equal(optimizer.layer_state["conv"][inverse_key], kept)
+    assert torch.equal(optimizer.layer_state["conv"][inverse_key], previous_inverse)
     assert "failed" in caplog.text
     for p in model.parameters():
         assert torch.isfinite(p).all()

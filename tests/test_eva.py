@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:Use
 
 
 def dense_vectors(module, a, g):
-    """Return the Kronecker vectors: mean input row (G, D_in) and mean output gradient (G, D_out)."""
+    """Return the Kronecker vectors: mean input (G, D_in) and mean output gradient (G, D_out)."""
     x, z = layer_rows(module, a, g)  # (M, G, S, D)
     return x.mean(dim=(0, 2)), z.mean(dim=(0, 2))
 

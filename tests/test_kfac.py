@@ -1,4 +1,4 @@
-"""KFAC against dense float64 factors built by hand from the same layer inputs and output gradients."""
+"""KFAC against dense float64 factors built by hand from the layer inputs and output gradients."""
 
 import math
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:Use
 
 
 def dense_factors(module, a, g):
-    """Return the batch factors ``A`` (G, D_in, D_in) and ``G`` (G, D_out, D_out) for a mean loss."""
+    """Return the batch factors A (G, D_in, D_in) and G (G, D_out, D_out) of a mean loss."""
     x, z = layer_rows(module, a, g)  # (M, G, S, D)
     samples, positions = x.shape[0], x.shape[2]
     x = x.transpose(0, 1).reshape(x.shape[1], samples * positions, -1)  # (G, M*S, D_in)

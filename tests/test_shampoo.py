@@ -27,7 +27,7 @@ def dense_shampoo_block(statistics: list[torch.Tensor], block: torch.Tensor) -> 
 
 
 def blocks_of(rows: int, columns: int, block_size: int):
-    """Return the row and column slices of the blocks Shampoo uses (equal sizes, last one shorter)."""
+    """Return the row and column slices of Shampoo's blocks (equal sizes, the last shorter)."""
     def cuts(size):
         count = -(-size // block_size)
         length = -(-size // count)

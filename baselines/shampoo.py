@@ -110,9 +110,9 @@ class Shampoo(PreconditionedSGD):
         beta2: statistics decay in (0, 1]; 1 sums them (default 1).
         statistics_interval: steps between statistics updates, T1 (default 10).
         inverse_interval: steps between inverse-root computations, T2 (default 100).
-        start_preconditioning_step: the first step that computes roots; earlier steps use
-            the plain gradient (default None: ``inverse_interval``, so the first roots see
-            ``inverse_interval / statistics_interval + 1`` gradients rather than one).
+        start_preconditioning_step: the first step that computes roots, and earlier steps
+            use the plain gradient. The default None means ``inverse_interval``, so that the
+            first roots see ``inverse_interval / statistics_interval + 1`` gradients, not one.
         block_size: largest block dimension (default 128).
         grafting: ``"sgd"`` (layer step norm of SGD) or ``"none"``.
         skip: ``fnmatch`` patterns of module names to leave on the plain gradient.

@@ -424,7 +424,11 @@ class LayerTap:
     layer input ``a`` and output gradient ``g``; it returns a ``(M,)`` tensor of per-sample
     weights for the parameter gradient, or ``None`` for the plain gradient. The input
     gradient that flows to earlier layers is never changed. ``active()``, when given, is
-    asked at every forward pass; while it returns False the layer runs untouched.
+    called at every forward pass; while it returns False the layer runs untouched.
+
+    NOTE: the layer's own output tensor is replaced, so a tensor hook that other code put on
+    that output in an earlier forward hook never fires; hooks registered on the returned
+    output, or full backward hooks on the module, still do.
     """
 
     def __init__(self, helper: LayerHelper,

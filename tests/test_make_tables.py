@@ -179,7 +179,11 @@ def test_relative_epoch_times(tmp_path):
     assert rows["eva"]["runs"] == "0"
     assert rows["eva"]["single_epoch_runs"] == "1"
 
+    assert float(rows["sgdm"]["epoch_time_spread"]) == pytest.approx(11 / 9)
+    assert float(rows["fngd"]["epoch_time_spread"]) == pytest.approx(1.0)
+
     markdown = (out / "table3_epoch_time.md").read_text()
+    assert "†" not in markdown
     assert "2.00× (n=1, seed 0)" in markdown
     assert "1.30× ± 0.14 (n=2, seeds 0,1)" in markdown
     assert "1× = 11.00 ± 1.41 s (n=2, seeds 0,1)" in markdown
@@ -187,6 +191,23 @@ def test_relative_epoch_times(tmp_path):
     latex = (out / "table3_epoch_time.tex").read_text()
     assert "1.30$\\times$ $\\pm$ 0.14" in latex
     assert "\\begin{tabular}" in latex
+
+
+def test_noisy_epoch_times_marked(tmp_path):
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir / "s0", "sgdm", 0, [0.1] * 3, [5, 10, 10], experiment="table3")
+    # A busy machine: epoch 3 took 4 times as long as epoch 2.
+    write_run(runs_dir / "f0", "fngd", 0, [0.1] * 3, [9, 5, 20], experiment="table3")
+    out = tmp_path / "out"
+
+    assert run_cli("--runs", str(runs_dir), "--out", str(out), "--no-figures") == 0
+
+    rows = {row["arm"]: row for row in read_csv(out / "table3_epoch_time.csv")}
+    assert float(rows["fngd"]["epoch_time_spread"]) == pytest.approx(4.0)
+    markdown = (out / "table3_epoch_time.md").read_text()
+    assert "1.25× (n=1, seed 0) †" in markdown
+    assert "differ by up to 4.0×" in markdown
+    assert "1× = 10.00 s (n=1, seed 0) |" in markdown
 
 
 def test_epoch_time_uses_median_after_first():

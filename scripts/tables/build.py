@@ -15,6 +15,9 @@ ROW_COLUMNS = ["Experiment", "Dataset", "Model", "Scale", "Device"]
 
 CELL_NOTE = ("Cells: mean ± sample standard deviation over runs; n is the number of runs "
              "behind the cell, followed by their seeds.")
+# Epoch times within one run that differ by more than this factor mark the cell as noisy.
+NOISY_SPREAD = 1.5
+
 SMOKE_NOTE = ("Rows at scale 'smoke' come from runs shrunk to minutes on a CPU (a subset of "
               "the data, a few epochs, a smaller stand-in for large models); they check the "
               "pipeline and are not comparable with the paper's numbers.")
@@ -51,6 +54,7 @@ def epoch_time_table(rows: list[Row]) -> Optional[Table]:
         return None
     arms = all_arms(rows)
     display, records = [], []
+    largest_spread = 0.0
     for table_row in epoch_time_rows(rows):
         cells = row_cells(table_row.row)
         for arm in arms:
@@ -66,13 +70,16 @@ def epoch_time_table(rows: list[Row]) -> Optional[Table]:
                 cells.append(f"1× = {format_mean(cell.times)} s ({format_runs(cell.times.runs)})")
             else:
                 cells.append(f"{format_mean(cell.ratios, suffix='×')} ({format_runs(cell.ratios.runs)})")
+            if cell.spread is not None and cell.spread > NOISY_SPREAD:
+                cells[-1] += " †"
+                largest_spread = max(largest_spread, cell.spread)
             records.append({**row_record(table_row.row), "arm": arm,
                             "baseline": table_row.baseline, "runs": cell.times.n,
                             "seeds": cell.times.seeds, "single_epoch_runs": cell.single_epoch_runs,
                             "epoch_time_s_mean": cell.times.mean if cell.times.n else None,
                             "epoch_time_s_std": cell.times.std,
                             "ratio_mean": cell.ratios.mean if cell.ratios.n else None,
-                            "ratio_std": cell.ratios.std})
+                            "ratio_std": cell.ratios.std, "epoch_time_spread": cell.spread})
         display.append(cells)
 
     notes = ["Median training time per epoch over epochs 2 and later (epoch 1 holds cuDNN "
@@ -80,6 +87,10 @@ def epoch_time_table(rows: list[Row]) -> Optional[Table]:
              "the same device (AdamW's where a row has no SGD-m). Training time covers data "
              "loading, forward, backward, preconditioning and the update; evaluation is "
              "excluded.", *common_notes(rows)]
+    if largest_spread:
+        notes.append(f"† Epoch times within one run of this cell differ by up to "
+                     f"{largest_spread:.1f}× (max / min over epochs 2 and later), so other load "
+                     "on the device changed them and the ratio is unreliable.")
     return Table("table3_epoch_time", "Table III: training time per epoch relative to SGD-m",
                  ROW_COLUMNS + [arm_label(arm) for arm in arms], display, records, notes)
 

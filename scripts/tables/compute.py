@@ -130,6 +130,18 @@ def epoch_time_after_first(run: Run) -> Optional[float]:
     return statistics.median(times) if times else None
 
 
+def epoch_time_spread(run: Run) -> Optional[float]:
+    """Return max / min of the training times of epochs 2 and later; None with fewer than two.
+
+    Epochs of one run do the same work, so a large spread means that other load on the
+    device changed the times.
+    """
+    times = [record["train_time_s"] for record in run.records if record["epoch"] >= 2]
+    if len(times) < 2 or min(times) <= 0:
+        return None
+    return max(times) / min(times)
+
+
 def first_epoch_time(run: Run) -> Optional[float]:
     for record in run.records:
         if record["epoch"] == 1:
@@ -195,6 +207,7 @@ class RatioCell:
     times: Summary
     ratios: Summary
     single_epoch_runs: int = 0
+    spread: Optional[float] = None    # the largest epoch_time_spread of the cell's runs
 
 
 @dataclass
@@ -222,7 +235,10 @@ def epoch_time_rows(rows: list[Row]) -> list[EpochTimeRow]:
                 ratios = Summary([value / baseline_time for value in times[arm].values],
                                  times[arm].runs)
             single = sum(1 for run in row.arms[arm] if epoch_time_after_first(run) is None)
-            table_row.cells[arm] = RatioCell(arm, times[arm], ratios, single)
+            spreads = [spread for spread in map(epoch_time_spread, row.arms[arm])
+                       if spread is not None]
+            table_row.cells[arm] = RatioCell(arm, times[arm], ratios, single,
+                                             max(spreads) if spreads else None)
         result.append(table_row)
     return result
 

@@ -210,6 +210,19 @@ def test_noisy_epoch_times_marked(tmp_path):
     assert "1× = 10.00 s (n=1, seed 0) |" in markdown
 
 
+def test_ngd_is_baseline_without_sgdm(tmp_path):
+    runs_dir = tmp_path / "runs"
+    write_run(runs_dir / "n0", "ngd", 0, [0.1] * 3, [20, 10, 10], experiment="fig4")
+    write_run(runs_dir / "f0", "fngd", 0, [0.1] * 3, [20, 4, 4], experiment="fig4")
+    out = tmp_path / "out"
+
+    assert run_cli("--runs", str(runs_dir), "--out", str(out), "--no-figures") == 0
+
+    rows = {row["arm"]: row for row in read_csv(out / "table3_epoch_time.csv")}
+    assert rows["fngd"]["baseline"] == "ngd"
+    assert float(rows["fngd"]["ratio_mean"]) == pytest.approx(0.4)
+
+
 def test_epoch_time_uses_median_after_first():
     class FakeRun:
         records = [{"epoch": 1, "train_time_s": 100.0}, {"epoch": 2, "train_time_s": 3.0},

@@ -84,9 +84,9 @@ def epoch_time_table(rows: list[Row]) -> Optional[Table]:
 
     notes = ["Median training time per epoch over epochs 2 and later (epoch 1 holds cuDNN "
              "autotuning and FNGD's coefficient solves), divided by the mean of SGD-m's on "
-             "the same device (AdamW's where a row has no SGD-m). Training time covers data "
-             "loading, forward, backward, preconditioning and the update; evaluation is "
-             "excluded.", *common_notes(rows)]
+             "the same device (AdamW's where a row has no SGD-m, NGD's where it has "
+             "neither). Training time covers data loading, forward, backward, "
+             "preconditioning and the update; evaluation is excluded.", *common_notes(rows)]
     if largest_spread:
         notes.append(f"† Epoch times within one run of this cell differ by up to "
                      f"{largest_spread:.1f}× (max / min over epochs 2 and later), so other load "

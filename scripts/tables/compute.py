@@ -17,8 +17,9 @@ from scripts.tables.records import BASELINE_ARM, Run, arm_sort_key
 from trainer.profile import profile_parts
 
 # Arms a time ratio is taken against, in order of preference: SGD-m for the image models,
-# AdamW for the Transformer (the paper's first-order method there).
-RATIO_BASELINES = (BASELINE_ARM, "adamw")
+# AdamW for the Transformer (the first-order method of Ou et al. there), and NGD for the
+# FNGD-against-NGD comparison, which has neither.
+RATIO_BASELINES = (BASELINE_ARM, "adamw", "ngd")
 
 
 class MixedDevicesError(ValueError):
@@ -221,7 +222,8 @@ def epoch_time_rows(rows: list[Row]) -> list[EpochTimeRow]:
     """Table III: median per-epoch time after epoch 1, relative to the row's baseline arm.
 
     Each run's ratio is its time over the mean time of the baseline's runs, so the cell's
-    spread is that of the arm's runs. The baseline is SGD-m, or AdamW where SGD-m is absent.
+    spread is that of the arm's runs. The baseline is the first of ``RATIO_BASELINES`` that
+    the row has.
     """
     result = []
     for row in rows:

@@ -125,8 +125,7 @@ def plot_breakdown(row: Row, out_dir: Path) -> Optional[Path]:
         left += widths
     axis.invert_yaxis()
     axis.set_xlabel("milliseconds per training step")
-    axis.legend(fontsize=8, ncol=len(BREAKDOWN_PARTS), loc="upper center",
-                bbox_to_anchor=(0.5, -0.25 if len(cells) < 4 else -0.12))
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     title = row_title(row)
     if row.key.scale == "smoke":
         title += "\nsmoke-scale runs"
@@ -165,7 +164,10 @@ def plot_gram(path: Path, out_dir: Path, normalise: bool = False) -> Path:
         axis.set_ylabel("sample")
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
 
-    weights = info.get("weights") or "initial weights"
+    weights = info.get("weights")
+    # The last two parts of the path name the run (sweep folder and job number).
+    weights = f"weights of .../{'/'.join(Path(weights).parts[-2:])}" if weights \
+        else "initial weights"
     order = ", samples sorted by label" if info.get("sorted_by_label") else ""
     title = (f"$K = U^\\top U$ of {model_label(info.get('model', '?'))} on "
              f"{dataset_label(info.get('dataset', '?'))}, batch {info.get('batch_size')}"

@@ -184,20 +184,20 @@ def device_label(device: dict, host: Optional[str]) -> str:
 
 def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:
     """Return every folder under ``roots`` that contains a ``run.json``, sorted."""
-    found = set()
+    # Paths stay as the caller wrote them (relative ones too); resolved paths find duplicates.
+    found: dict[Path, Path] = {}
     for root in roots:
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"--runs folder {root} does not exist; pass the folder "
-                                    "that holds the runs (a Hydra outputs/ or multirun/ folder)")
-        if (root / "run.json").is_file():
-            found.add(root.resolve())
+                                    "that contains the runs (a Hydra outputs/ or multirun/ "
+                                    "folder)")
         for directory, subdirectories, files in os.walk(root):
             # W&B keeps its own copies of files under wandb/; they are not runs.
-            subdirectories[:] = [name for name in subdirectories if name != "wandb"]
+            subdirectories[:] = sorted(name for name in subdirectories if name != "wandb")
             if "run.json" in files:
-                found.add(Path(directory).resolve())
-    return sorted(found)
+                found.setdefault(Path(directory).resolve(), Path(directory))
+    return sorted(found.values())
 
 
 def read_run_dir(path: str | os.PathLike) -> Run:

@@ -24,7 +24,7 @@ SMOKE_NOTE = ("Rows at scale 'smoke' come from runs shrunk to minutes on a CPU (
 
 
 def row_cells(row: Row) -> list[str]:
-    """The cells that identify a row: experiment, data set, model, scale, device."""
+    """Return the cells that identify a row: experiment, data set, model, scale, device."""
     model = model_label(row.key.model)
     if row.replaced_model:
         model += f" (for {model_label(row.replaced_model)})"
@@ -65,11 +65,13 @@ def epoch_time_table(rows: list[Row]) -> Optional[Table]:
             if not cell.times.n:
                 cells.append(f"needs ≥ 2 epochs (n={len(table_row.row.arms[arm])})")
             elif table_row.baseline is None:
-                cells.append(f"{format_mean(cell.times)} s, no baseline ({format_runs(cell.times.runs)})")
+                runs = format_runs(cell.times.runs)
+                cells.append(f"{format_mean(cell.times)} s, no baseline ({runs})")
             elif arm == table_row.baseline:
                 cells.append(f"1× = {format_mean(cell.times)} s ({format_runs(cell.times.runs)})")
             else:
-                cells.append(f"{format_mean(cell.ratios, suffix='×')} ({format_runs(cell.ratios.runs)})")
+                runs = format_runs(cell.ratios.runs)
+                cells.append(f"{format_mean(cell.ratios, suffix='×')} ({runs})")
             if cell.spread is not None and cell.spread > NOISY_SPREAD:
                 cells[-1] += " †"
                 largest_spread = max(largest_spread, cell.spread)
@@ -136,7 +138,7 @@ def target_table(rows: list[Row], target_override: Optional[float] = None) -> Op
 
 
 def final_metric_table(rows: list[Row]) -> Optional[Table]:
-    """The last and the best test accuracy (BLEU for translation) of every arm."""
+    """Build the table of the last and best test accuracy (BLEU for translation) of every arm."""
     if not rows:
         return None
     display, records = [], []
@@ -144,7 +146,8 @@ def final_metric_table(rows: list[Row]) -> Optional[Table]:
         for cell in final_metric_cells(row):
             is_bleu = cell.metric == "test_bleu"
             scale, suffix = (1.0, "") if is_bleu else (100.0, "%")
-            statuses = ", ".join(f"{count} {status}" for status, count in sorted(cell.statuses.items()))
+            statuses = ", ".join(f"{count} {status}"
+                                 for status, count in sorted(cell.statuses.items()))
             display.append(row_cells(row) + [
                 arm_label(cell.arm), "test BLEU" if is_bleu else "test accuracy",
                 format_mean(cell.final, scale=scale, suffix=suffix),

@@ -28,7 +28,7 @@ class MixedDevicesError(ValueError):
 
 @dataclass(frozen=True, order=True)
 class RowKey:
-    """What the runs of one table row share."""
+    """Key of a table row: the experiment, data set, model and scale its runs share."""
 
     experiment: str
     dataset: str
@@ -79,7 +79,7 @@ class Row:
 
 
 def group_rows(runs: Iterable[Run]) -> list[Row]:
-    """Group runs into rows; raise ``MixedDevicesError`` if a row holds several devices."""
+    """Group runs into rows; raise ``MixedDevicesError`` if a row has runs from several devices."""
     grouped: dict[RowKey, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         key = RowKey(run.experiment, run.dataset, run.model, run.scale)
@@ -125,7 +125,7 @@ def summarise(runs: list[Run], value: Callable[[Run], Optional[float]]) -> Summa
 def epoch_time_after_first(run: Run) -> Optional[float]:
     """Median training time per epoch over epochs 2 and later; None with one epoch only.
 
-    Epoch 1 holds cuDNN autotuning and FNGD's coefficient solves, so it is left out.
+    Epoch 1 includes cuDNN autotuning and FNGD's coefficient solves, so it is left out.
     """
     times = [record["train_time_s"] for record in run.records if record["epoch"] >= 2]
     return statistics.median(times) if times else None
@@ -151,7 +151,7 @@ def first_epoch_time(run: Run) -> Optional[float]:
 
 
 def metric_values(run: Run, metric: str) -> list[tuple[int, float]]:
-    """Return ``(epoch, value)`` for each record that holds a finite ``metric``."""
+    """Return ``(epoch, value)`` for each record with a finite ``metric``."""
     values = []
     for record in run.records:
         value = record.get(metric)

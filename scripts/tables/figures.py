@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts.tables.compute import BREAKDOWN_PARTS, Row, breakdown_cells, metric_values  # noqa: E402
+from scripts.tables.compute import (BREAKDOWN_PARTS, Row, breakdown_cells,  # noqa: E402
+                                    metric_values)
 from scripts.tables.records import arm_label, dataset_label, model_label  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,12 @@ def row_title(row: Row) -> str:
     if row.replaced_model:
         model += f" (for {model_label(row.replaced_model)})"
     scale = ", smoke scale" if row.key.scale == "smoke" else ""
-    return f"{row.key.experiment}: {model} on {dataset_label(row.key.dataset)}{scale} — {row.device}"
+    data = dataset_label(row.key.dataset)
+    return f"{row.key.experiment}: {model} on {data}{scale} — {row.device}"
 
 
-def _mean_curve(series: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mean_curve(series: list[list[tuple[float, float]]]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Average curves point by point over the runs' common length; return x, mean and std."""
     length = min(len(points) for points in series)
     xs = np.array([[point[0] for point in points[:length]] for points in series])
@@ -73,11 +76,13 @@ def plot_curves(row: Row, out_dir: Path) -> Optional[Path]:
         by_epoch, by_time, epoch_times = [], [], []
         for run in runs:
             values = metric_values(run, metric)
-            cumulative = {record["epoch"]: record["cumulative_train_time_s"] for record in run.records}
+            cumulative = {record["epoch"]: record["cumulative_train_time_s"]
+                          for record in run.records}
             if values:
                 by_epoch.append([(epoch, value * scale) for epoch, value in values])
                 by_time.append([(cumulative[epoch], value * scale) for epoch, value in values])
-            epoch_times.append([(record["epoch"], record["train_time_s"]) for record in run.records])
+            epoch_times.append([(record["epoch"], record["train_time_s"])
+                                for record in run.records])
         colour = ARM_COLOURS.get(arm)
         label = f"{arm_label(arm)} (n={len(runs)})"
         if by_epoch:

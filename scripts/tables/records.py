@@ -311,7 +311,7 @@ def load_wandb_runs(path: str, include_unfinished: bool = False, api=None
     A W&B run has no ``run.json``, so its layout is taken as the oldest supported schema
     when its records carry the required keys, and the run is rejected otherwise.
     NOTE: a run that diverged ends as "failed" in W&B and is skipped unless
-    ``include_unfinished``; its ``metrics.jsonl`` and ``run.json`` on disk say "diverged".
+    ``include_unfinished``; its ``metrics.jsonl`` and ``run.json`` on disk record "diverged".
     """
     if path.count("/") != 1 or not all(path.split("/")):
         raise ValueError(f"--wandb {path!r} is invalid; expected ENTITY/PROJECT")

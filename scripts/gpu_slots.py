@@ -9,6 +9,9 @@ resolves it a GPU of its own. It takes an exclusive ``flock`` on one lock file p
 keeps it until the process exits, so the worker's later jobs reuse its GPU and no two
 workers share one. The lock files live in ``$FNGD_GPU_LOCK_DIR`` or the system's temporary
 folder, so two sweeps started on the same machine also take turns per GPU.
+
+NOTE: not yet run on a multi-GPU machine. The locking is tested across processes, and a CPU
+joblib sweep resolved ``${fngd_worker_gpu:2}`` to a different slot in each worker.
 """
 
 from __future__ import annotations

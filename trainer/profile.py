@@ -124,6 +124,7 @@ class StepProfiler:
     def _timestamp(self) -> object:
         if not self.uses_events:
             return time.perf_counter()
+        # NOTE: this CUDA-event path has not yet run on a GPU; the tests cover the CPU path.
         if self._events_used == len(self._event_pool):
             self._event_pool.append(torch.cuda.Event(enable_timing=True))
         event = self._event_pool[self._events_used]

@@ -164,13 +164,18 @@ def run(args) -> dict:
         median = statistics.median(contender.times)
         entry = {"optimizer": contender.label, "phase": contender.phase,
                  "median_step_s": median, "ratio_to_sgdm": median / sgdm_median,
-                 "min_step_s": min(contender.times), "steps": len(contender.times)}
+                 "min_step_s": min(contender.times),
+                 # The mean includes the steps that refresh statistics or inverses only every
+                 # so often (KFAC, Shampoo), which the median leaves out.
+                 "mean_step_s": statistics.fmean(contender.times),
+                 "steps": len(contender.times)}
         stats = getattr(contender.optimizer, "stats", None)
         if stats is not None:
             entry["optimizer_stats"] = stats()
         results.append(entry)
 
     return {
+        "command": "python -m scripts.bench_step " + " ".join(args.argv),
         "device": device_name(device),
         "model": args.model,
         "batch_size": args.batch_size,
@@ -194,10 +199,11 @@ def device_name(device: torch.device) -> str:
 def format_table(report: dict) -> str:
     lines = [f"{report['model']}, batch {report['batch_size']}, {report['device']}, "
              f"median of {report['steps']} interleaved steps",
-             f"{'optimizer':<10} {'phase':<11} {'median s':>9} {'x SGD-m':>8}"]
+             f"{'optimizer':<10} {'phase':<11} {'median s':>9} {'x SGD-m':>8} {'mean s':>8}"]
     for entry in report["results"]:
         lines.append(f"{entry['optimizer']:<10} {entry['phase']:<11} "
-                     f"{entry['median_step_s']:>9.4f} {entry['ratio_to_sgdm']:>8.3f}")
+                     f"{entry['median_step_s']:>9.4f} {entry['ratio_to_sgdm']:>8.3f} "
+                     f"{entry['mean_step_s']:>8.4f}")
     return "\n".join(lines)
 
 
@@ -216,6 +222,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides, e.g. optimizer.alpha=0.1")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 1:
         parser.error("--batch-size, --steps and --warmup must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

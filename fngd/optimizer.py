@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
 
 from .layers import LayerHelper, LayerTap, find_layers, solve_coefficients
+from .update import (check_choice, check_interval, check_number, check_sgd_arguments,
+                     sgd_momentum_update)
 
 logger = logging.getLogger(__name__)
 
@@ -105,20 +106,16 @@ class FNGD(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"FNGD takes the model (an nn.Module) first, got {type(model).__name__}; "
                             "pass parameter groups through params=")
-        _check_positive("lr", lr, allow_zero=True)
-        _check_positive("momentum", momentum, allow_zero=True)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
-        _check_positive("alpha", alpha)
-        _check_choice("mode", mode, MODES)
-        _check_choice("share_by", share_by, SHARE_BY)
-        _check_choice("scale", scale, SCALES)
-        _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        check_sgd_arguments(lr, momentum, weight_decay, nesterov)
+        check_number("alpha", alpha, 0.0, low_open=True)
+        check_choice("mode", mode, MODES)
+        check_choice("share_by", share_by, SHARE_BY)
+        check_choice("scale", scale, SCALES)
+        check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         if not isinstance(refresh_every, int) or refresh_every < 0:
             raise ValueError(f"invalid refresh_every={refresh_every!r}: expected an integer >= 0")
-        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
-            raise ValueError(f"invalid steps_per_epoch={steps_per_epoch!r}: expected an integer >= 1 or None")
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+        if steps_per_epoch is not None:
+            check_interval("steps_per_epoch", steps_per_epoch)
 
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -331,28 +328,8 @@ class FNGD(torch.optim.Optimizer):
 
     def _sgd_momentum(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-
-        if weight_decay != 0:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-        if momentum != 0:
-            buffers = []
-            for p, grad in zip(params, grads):
-                state = self.state[p]
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    state["momentum_buffer"] = torch.clone(grad).detach()
-                else:
-                    buffer.mul_(momentum).add_(grad)
-                buffers.append(state["momentum_buffer"])
-            if group["nesterov"]:
-                grads = torch._foreach_add(grads, buffers, alpha=momentum)
-            else:
-                grads = buffers
-        torch._foreach_add_(params, grads, alpha=-lr)
+        sgd_momentum_update(params, [p.grad for p in params], self.state, group["lr"],
+                            group["momentum"], group["weight_decay"], group["nesterov"])
 
     def _finish_step(self) -> None:
         if self._step_solved:
@@ -462,16 +439,3 @@ def _grow(tensor: Optional[torch.Tensor], size: int, dtype, device, fill) -> tor
     if tensor is not None:
         grown[: tensor.shape[0]] = tensor
     return grown
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    valid = isinstance(value, (int, float)) and math.isfinite(value) and (
-        value >= 0 if allow_zero else value > 0)
-    if not valid:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"invalid {name}={value!r}: expected a finite number {bound}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"invalid {name}={value!r}: expected one of {', '.join(map(repr, choices))}")

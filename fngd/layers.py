@@ -2,8 +2,8 @@
 per-layer math on recorded layer inputs ``a`` and output gradients ``g``.
 
 Every second-order optimizer in this suite preconditions ``nn.Linear`` and ``nn.Conv2d``
-and nothing else. ``find_layers`` walks a model once and returns one helper per such layer;
-the helper turns its layer's input and output gradient into the matrices the optimizers need:
+and nothing else. ``find_layers`` walks a model once and returns one helper per such layer.
+The helper turns its layer's input and output gradient into the matrices the optimizers need:
 
 - ``a`` reshaped to ``(M, G, S, D_in)``: M samples, G groups (1 for Linear), S positions
   (sequence positions for Linear on N-D input, output pixels for Conv2d) and D_in input

@@ -438,9 +438,19 @@ class LayerTap:
         self.helper = helper
         self.coefficients = coefficients
         self.active = active
+        self._inert = False
         self._handle = helper.module.register_forward_hook(self._hook)
 
+    def __getstate__(self) -> dict:
+        # A deep copy or pickle of the model (an EMA or evaluation copy) copies its hooks too.
+        # The copied tap does nothing, so the copy runs as a plain model instead of feeding a
+        # broken copy of the optimizer.
+        return {"helper": None, "coefficients": None, "active": None, "_inert": True,
+                "_handle": None}
+
     def _hook(self, module, inputs, output):
+        if self._inert:
+            return None
         if not (torch.is_grad_enabled() and module.weight.requires_grad):
             return None
         # Under torch.func transforms (vmap, grad) the layer runs untouched: a reference
@@ -455,7 +465,8 @@ class LayerTap:
         return _TapFunction.apply(a, module.weight, module.bias, self, [output.detach()])
 
     def remove(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
 
 class Recorder:

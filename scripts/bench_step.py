@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from torch.nn import functional as F
 
@@ -233,7 +234,11 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except MissingConfigException as error:
+        # An unknown --model or --optimizers name; Hydra's message lists the valid ones.
+        sys.exit(f"bench_step: {error}")
     print(format_table(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

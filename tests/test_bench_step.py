@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from scripts import bench_step
@@ -49,3 +50,10 @@ def test_bench_step_times_the_transformer():
     assert labels == [("sgdm", "every_step"), ("adamw", "every_step"), ("fngd", "solve"),
                       ("fngd", "reuse")]
     assert report["results"][3]["optimizer_stats"]["layer_reuses"] > 0
+
+
+def test_bench_step_unknown_optimizer_lists_choices():
+    with pytest.raises(SystemExit) as raised:
+        bench_step.main(["--model", "resnet8", "--optimizers", "sgdm,nosuch", "--steps", "1"])
+    assert "optimizer/nosuch" in str(raised.value.code)
+    assert "fngd" in str(raised.value.code)

@@ -1,5 +1,6 @@
 """FNGD phases, state, numerical fallbacks and awkward models (the hard cases of the design notes)."""
 
+import copy
 import io
 import logging
 import math
@@ -448,3 +449,20 @@ def test_multihead_attention_is_skipped_and_logged(batch_first, caplog):
     assert not torch.allclose(model.head.weight.grad, reference.head.weight.grad)
     optimizer.step()
     assert optimizer.stats()["layer_solves"] == 2
+
+
+def test_deep_copied_model_trains_plainly():
+    # An EMA or evaluation copy made with copy.deepcopy carries the hooks along; the copy must
+    # run as a plain model, and the original must keep its preconditioning.
+    data = batches(2)
+    model, reference = conv_net(), conv_net()
+    optimizer = FNGD(model, alpha=1e-3, mode="ngd")
+    copied = copy.deepcopy(model)
+
+    for net in (copied, reference):
+        F.cross_entropy(net(data[0][0]), data[0][1]).backward()
+    for p, q in zip(copied.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+    train(model, optimizer, data)
+    assert optimizer.stats()["layer_solves"] == 2 * 3

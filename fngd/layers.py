@@ -421,7 +421,7 @@ class LayerTap:
     """Forward hook that routes a layer's backward through ``coefficients(helper, a, g)``.
 
     ``coefficients`` runs inside the backward pass, once per layer and batch, with the
-    layer input ``a`` and output gradient ``g``; it returns a ``(M,)`` tensor of per-sample
+    layer input ``a`` and output gradient ``g``. It returns a ``(M,)`` tensor of per-sample
     weights for the parameter gradient, or ``None`` for the plain gradient. The input
     gradient that flows to earlier layers is never changed. ``active()``, when given, is
     called at every forward pass; while it returns False the layer runs untouched.
@@ -474,7 +474,7 @@ class Recorder:
 
     For optimizers that only need statistics (KFAC, Eva). ``on_backward(helper, a, g)`` runs
     in the backward pass when the output gradient of a recorded layer arrives, for forward
-    passes during which ``active()`` returned True; the layer's gradients are the plain ones.
+    passes during which ``active()`` returned True. The layer's gradients stay the plain ones.
     It is built on ``LayerTap`` rather than a tensor hook on the layer output because
     ``nn.Linear`` on N-D input returns a view, and an in-place op on that view (an in-place
     ReLU) drops hooks registered on it.
@@ -502,7 +502,7 @@ def solve_coefficients(gram: torch.Tensor, alpha: float):
     ``v = 1 - (damping I + K / M)^-1 (K 1 / M)`` with ``damping = alpha * ||K||_F``, so that
     ``(damping I + U U^T / M)^-1 g = U v / (M * damping)``. The solve runs in float64 through a
     Cholesky factorisation. Exactly, every eigen-component of ``v`` is that of the ones vector
-    shrunk by a factor in (0, 1], so ``||v|| <= sqrt(M)``; a failed factorisation, a
+    shrunk by a factor in (0, 1], so ``||v|| <= sqrt(M)``. A failed factorisation, a
     non-finite result or a result that breaks this bound gives ``v = 1`` (the SGD direction)
     and ``ok = False``. Nothing here synchronises with the device.
     """

@@ -33,7 +33,7 @@ class FNGD(torch.optim.Optimizer):
         v = 1 - (\lambda I + K / M)^{-1} K 1 / M, \qquad \lambda = \alpha \|K\|_F.
 
     ``v`` does not change when K is scaled, so ``mode="fngd"`` computes it in the first epoch
-    only, stores one vector per layer and step within the epoch, and reuses it later;
+    only, stores one vector per layer and step within the epoch, and reuses it later.
     ``mode="ngd"`` computes it at every step. With ``scale="none"`` (the paper's tuning rule)
     the layer direction is ``U v / M``, the mean gradient with per-sample weights ``v``, and
     ``1 / lambda`` is left to the learning rate; ``scale="damping"`` multiplies by the stored

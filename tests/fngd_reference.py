@@ -1,9 +1,11 @@
-"""Dense float64 references for the FNGD tests, built from torch.func per-sample gradients."""
+"""Dense float64 references for the FNGD tests, built from torch.func per-sample gradients,
+and the small network and batches the tests train on."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.func import functional_call, grad, vmap
 
 
@@ -39,3 +41,26 @@ def dense_damped_step(u: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torc
     fisher = u.t() @ u / m + damping * torch.eye(p, dtype=u.dtype)
     mean_grad = u.mean(dim=0)
     return torch.linalg.solve(fisher, mean_grad), damping
+
+
+def conv_net(seed=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), nn.ReLU(inplace=True),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def batches(steps, batch_size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps * batch_size, 3, 8, 8, generator=generator)
+    y = torch.randint(0, 5, (steps * batch_size,), generator=generator)
+    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
+            for i in range(steps)]
+
+
+def train(model, optimizer, data, reduction="mean"):
+    for xb, yb in data:
+        optimizer.zero_grad()
+        F.cross_entropy(model(xb), yb, reduction=reduction).backward()
+        optimizer.step()

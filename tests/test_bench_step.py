@@ -32,8 +32,10 @@ def test_bench_step_reports_fngd_phases(tmp_path):
     # after its one warm-up step.
     solve_stats = rows[("fngd", "solve")]["optimizer_stats"]
     reuse_stats = rows[("fngd", "reuse")]["optimizer_stats"]
-    assert solve_stats["solve_steps"] == 3 and solve_stats["reuse_steps"] == 0
-    assert reuse_stats["solve_steps"] == 1 and reuse_stats["reuse_steps"] == 2
+    assert solve_stats["solve_steps"] == 3
+    assert solve_stats["reuse_steps"] == 0
+    assert reuse_stats["solve_steps"] == 1
+    assert reuse_stats["reuse_steps"] == 2
 
 
 def test_bench_step_times_the_transformer():

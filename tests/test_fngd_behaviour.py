@@ -13,30 +13,7 @@ from torch.nn import functional as F
 import fngd.layers
 from fngd import FNGD
 from fngd.layers import find_layers, solve_coefficients
-from tests.fngd_reference import dense_damped_step, per_sample_grads
-
-
-def conv_net(seed=1):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), nn.ReLU(inplace=True),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
-
-
-def batches(steps, batch_size=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(steps * batch_size, 3, 8, 8, generator=generator)
-    y = torch.randint(0, 5, (steps * batch_size,), generator=generator)
-    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
-            for i in range(steps)]
-
-
-def train(model, optimizer, data, reduction="mean"):
-    for xb, yb in data:
-        optimizer.zero_grad()
-        F.cross_entropy(model(xb), yb, reduction=reduction).backward()
-        optimizer.step()
+from tests.fngd_reference import batches, conv_net, dense_damped_step, per_sample_grads, train
 
 
 class GramCounter:
@@ -237,7 +214,7 @@ def test_nan_batch_skips_step(caplog):
 
 
 def test_solve_bound_rejects_blown_up_solution():
-    # ||v|| <= sqrt(M) holds exactly; a solve that breaks it is treated as failed.
+    # Exactly, ||v|| <= sqrt(M). A solve that breaks the bound is treated as failed.
     gram = torch.diag(torch.tensor([1.0, 1e-30, 1e-30]))
     v, damping, ok = solve_coefficients(gram, 1e-3)
     assert bool(ok)
@@ -416,7 +393,7 @@ def test_remove_restores_plain_training():
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_attention_is_skipped_and_logged(batch_first, caplog):
     # Hard case 4: nn.MultiheadAttention calls its projections as functions. FNGD leaves them
-    # on the plain gradient, says so once, and preconditions the Linear layers around them.
+    # on the plain gradient, logs that once, and preconditions the Linear layers around them.
     class AttentionModel(nn.Module):
         def __init__(self):
             super().__init__()
@@ -438,7 +415,8 @@ def test_multihead_attention_is_skipped_and_logged(batch_first, caplog):
     with caplog.at_level(logging.INFO, logger="fngd"):
         optimizer = FNGD(model, alpha=1e-2, mode="ngd")
     assert sorted(h.name for h in optimizer.layers) == ["head", "inp"]
-    assert "attn" in caplog.text and "MultiheadAttention" in caplog.text
+    assert "attn" in caplog.text
+    assert "MultiheadAttention" in caplog.text
 
     x, y = torch.randn(5, 4, 6), torch.tensor([0, 1, 2, 0, 1])
     for net in (model, reference):
@@ -452,7 +430,7 @@ def test_multihead_attention_is_skipped_and_logged(batch_first, caplog):
 
 
 def test_deep_copied_model_trains_plainly():
-    # An EMA or evaluation copy made with copy.deepcopy carries the hooks along; the copy must
+    # An EMA or evaluation copy made with copy.deepcopy carries the hooks along. The copy must
     # run as a plain model, and the original must keep its preconditioning.
     data = batches(2)
     model, reference = conv_net(), conv_net()

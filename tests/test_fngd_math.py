@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from fngd import FNGD
 from fngd.layers import Recorder, find_layers
-from tests.fngd_reference import dense_damped_step, per_sample_grads
+from tests.fngd_reference import batches, conv_net, dense_damped_step, per_sample_grads, train
 
 
 
@@ -127,33 +127,10 @@ def test_steps_match_dense_solve_over_an_epoch():
         torch.testing.assert_close(after, before - 0.05 * damping * direction, rtol=1e-9, atol=1e-12)
 
 
-def small_net():
-    torch.manual_seed(1)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
-
-
-def batches(steps, batch_size=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(steps * batch_size, 3, 8, 8, generator=generator)
-    y = torch.randint(0, 5, (steps * batch_size,), generator=generator)
-    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size])
-            for i in range(steps)]
-
-
-def train(model, optimizer, data):
-    for xb, yb in data:
-        optimizer.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        optimizer.step()
-
-
 def test_huge_damping_equals_sgd_momentum():
     # With alpha -> infinity every coefficient is 1 (c = 1/M): FNGD is SGD with momentum.
     data = batches(4)
-    model, reference = small_net(), small_net()
+    model, reference = conv_net(), conv_net()
     train(model, FNGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4, alpha=1e30, mode="ngd"), data)
     train(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9,
                                      weight_decay=5e-4), data)
@@ -165,7 +142,7 @@ def test_reused_unit_coefficients_equal_sgd_momentum():
     # After the first epoch, overwrite the stored coefficients with ones through the state
     # dict: the reuse path must then take exactly SGD-m's steps.
     data = batches(3)
-    model = small_net()
+    model = conv_net()
     optimizer = FNGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4, alpha=1e-3,
                      steps_per_epoch=len(data))
     train(model, optimizer, data)
@@ -176,7 +153,7 @@ def test_reused_unit_coefficients_equal_sgd_momentum():
             store[position] = (torch.ones_like(v), damping)
     optimizer.load_state_dict(state)
 
-    reference = small_net()
+    reference = conv_net()
     reference.load_state_dict(model.state_dict())
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for p, q in zip(model.parameters(), reference.parameters()):
@@ -237,7 +214,7 @@ def test_upstream_gradients_are_unchanged():
     # The coefficients reweight a layer's own parameter gradient only: gradients that flow to
     # earlier layers (here BatchNorm, before the preconditioned convolution) stay plain.
     data = batches(1)
-    model, reference = small_net(), small_net()
+    model, reference = conv_net(), conv_net()
     FNGD(model, alpha=1e-3, mode="ngd", skip=["0"])
     for net in (model, reference):
         F.cross_entropy(net(data[0][0]), data[0][1]).backward()
